@@ -1,6 +1,7 @@
 """What the training, sampling and evaluation scripts share: models, prompts, checkpoints, errors."""
 
 import csv
+import json
 import os
 import re
 import sys
@@ -88,6 +89,25 @@ def is_toy_model(model):
     return Path(resolve_model(model)).resolve() == TOY_MODEL_DIR
 
 
+FAMILY_NAMES = {"flux": "Flux", "sd": "Stable Diffusion"}
+
+
+def local_model_family(model):
+    """Return "flux" or "sd" for a local diffusers folder, read from the pipeline class in model_index.json.
+
+    Returns None for a hub id or a folder without a readable model_index.json, because such a model
+    shows its family only when it loads. Any class other than a Flux one counts as "sd".
+    """
+    index_path = Path(resolve_model(model)) / "model_index.json"
+    if not index_path.is_file():
+        return None
+    try:
+        class_name = json.loads(index_path.read_text(encoding="utf-8")).get("_class_name", "")
+    except (OSError, ValueError):
+        return None
+    return "flux" if str(class_name).startswith("Flux") else "sd"
+
+
 def load_pipeline(model, family, dtype=torch.float32, device="cpu"):
     """Load a diffusers pipeline from a hub id or a local folder, with a one-line error on failure."""
     from transformers.utils import logging as transformers_logging
@@ -99,6 +119,12 @@ def load_pipeline(model, family, dtype=torch.float32, device="cpu"):
 
     pipeline_class = FluxPipeline if family == "flux" else StableDiffusionPipeline
     path = resolve_model(model)
+    found_family = local_model_family(model)
+    if found_family is not None and found_family != family:
+        raise UserError(
+            f"model {model!r} is a {FAMILY_NAMES[found_family]} model, not a {FAMILY_NAMES[family]} model: "
+            f"train_sd.py trains Stable Diffusion models and train_flux.py trains Flux models"
+        )
     kwargs = {"dtype": dtype}
     if family == "sd":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
@@ -129,10 +155,13 @@ def denoiser_of(pipe):
     return pipe.transformer if hasattr(pipe, "transformer") and pipe.transformer is not None else pipe.unet
 
 
-def resolve_device_and_dtype(device, dtype):
-    """Pick the device and the base model's dtype; fp16 is rejected on a CPU, where it has no kernels."""
+def resolve_device_and_dtype(device, dtype, cuda_default="fp16"):
+    """Pick the device and the base model's dtype; fp16 is rejected on a CPU, where it has no kernels.
+
+    Without a dtype, a CUDA device gets `cuda_default` (Flux passes "bf16") and a CPU gets fp32.
+    """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or ("fp16" if device.startswith("cuda") else "fp32")
+    dtype = dtype or (cuda_default if device.startswith("cuda") else "fp32")
     if dtype == "fp16" and not device.startswith("cuda"):
         raise UserError("fp16 needs a CUDA device; use --dtype bf16 or --dtype fp32 on a CPU")
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
@@ -249,8 +278,12 @@ def save_checkpoint(path, network, config, step, optimizer=None, scaler=None, lr
         "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None,
     }
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(checkpoint, temporary)
-    os.replace(temporary, path)
+    try:
+        torch.save(checkpoint, temporary)
+        os.replace(temporary, path)
+    except BaseException:  # a failed or interrupted (Ctrl-C) write removes its partial temporary file
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path):
@@ -290,6 +323,13 @@ def check_checkpoint_fits(checkpoint, model_name, family, shapes, checkpoint_pat
                 f"checkpoint {checkpoint_path} was trained for {trained_for} and does not fit {model_name}: "
                 f"layer {name} is {shape} in the checkpoint and {found} in the model"
             )
+    # The network writes factors only for its own layers, so an extra target layer would get none.
+    unexpected = sorted(set(shapes) - set(expected))
+    if unexpected:
+        raise UserError(
+            f"checkpoint {checkpoint_path} was trained for {trained_for} and does not fit {model_name}: "
+            f"the model has {len(unexpected)} target layers that the checkpoint lacks, e.g. {unexpected[0]}"
+        )
 
 
 def attach_checkpoint(pipe, checkpoint, checkpoint_path, model_name):

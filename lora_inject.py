@@ -210,15 +210,21 @@ def layer_shapes(layers):
     return {name: (layer.out_features, layer.in_features) for name, layer in layers.items()}
 
 
-def lora_delta_norm(factors, scale):
-    """Return the Frobenius norm of all dW = scale * B @ A together, per sample: (batch,).
+def lora_delta_norm_squared(factors, scale):
+    """Return the squared Frobenius norm of all dW = scale * B @ A together, per sample: (batch,).
 
     ||B A||_F^2 = sum((B^T B) * (A A^T)) uses only rank x rank products, so it stays cheap for
-    large layers.
+    large layers. Penalise this rather than lora_delta_norm(...) ** 2, because the square root has
+    an infinite gradient at dW = 0, where every LoRA starts, and would turn the first update into NaN.
     """
     total = 0.0
     for lora_A, lora_B in factors.values():
         gram_B = lora_B.transpose(1, 2) @ lora_B  # (batch, rank, rank)
         gram_A = lora_A @ lora_A.transpose(1, 2)  # (batch, rank, rank)
         total = total + (gram_B * gram_A).sum(dim=(1, 2)).clamp_min(0)
-    return scale * torch.sqrt(total)
+    return scale**2 * total
+
+
+def lora_delta_norm(factors, scale):
+    """Return the Frobenius norm of all dW = scale * B @ A together, per sample: (batch,)."""
+    return torch.sqrt(lora_delta_norm_squared(factors, scale))

@@ -40,7 +40,8 @@ def parse_args():
     parser.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
     parser.add_argument("--compare", action="store_true", help="also render the base model and save a side-by-side grid")
     parser.add_argument("--out-dir", default="samples", help="folder for the PNG files")
-    parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="model dtype (default: fp16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"],
+                        help="model dtype (default on CUDA: bf16 for Flux, fp16 for SD; fp32 on CPU)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     args = parser.parse_args()
 
@@ -60,7 +61,7 @@ def default_sampling(model, family):
     return (28, 3.5) if family == "flux" else (50, 7.5)
 
 
-def render(pipe, prompt, seeds, args):
+def render(pipe, prompt, seeds, args, **pipeline_kwargs):
     """Render one prompt at the given seeds, one generator per image so each seed stands alone."""
     generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
     output = pipe(
@@ -71,6 +72,7 @@ def render(pipe, prompt, seeds, args):
         height=args.height,
         width=args.width,
         generator=generators,
+        **pipeline_kwargs,
     )
     return output.images
 
@@ -82,11 +84,30 @@ def slug(text, max_length=60):
 
 def main():
     args = parse_args()
-    device, args.dtype, torch_dtype = common.resolve_device_and_dtype(args.device, args.dtype)
-
     checkpoint = common.load_checkpoint(args.hypernet) if args.hypernet else None
-    family = checkpoint["config"]["family"] if checkpoint else "sd"
     model = args.model or (checkpoint["config"]["model"] if checkpoint else "CompVis/stable-diffusion-v1-4")
+
+    # The checkpoint sets the model family. Without one, a local folder's model_index.json does.
+    model_family = common.local_model_family(model)
+    family = checkpoint["config"]["family"] if checkpoint else (model_family or "sd")
+    if checkpoint and model_family not in (None, family):
+        trained_for = checkpoint["config"]["model"]
+        raise common.UserError(
+            f"checkpoint {args.hypernet} was trained for {trained_for}, a {common.FAMILY_NAMES[family]} model, "
+            f"but {model} is a {common.FAMILY_NAMES[model_family]} model: pass a {common.FAMILY_NAMES[family]} "
+            f"model with --model, or leave --model out to use {trained_for}"
+        )
+
+    # Flux runs in bf16 on CUDA: in fp16, activations of its text encoders overflow unless clipped
+    # (diffusers Flux documentation).
+    cuda_default = "bf16" if family == "flux" else "fp16"
+    device, args.dtype, torch_dtype = common.resolve_device_and_dtype(args.device, args.dtype, cuda_default)
+
+    # A Flux LoRA is trained with a fixed T5 context length; sampling uses the same one.
+    pipeline_kwargs = {}
+    if family == "flux" and checkpoint:
+        pipeline_kwargs["max_sequence_length"] = checkpoint["config"]["args"].get("max_sequence_length", 512)
+
     steps, guidance_scale = default_sampling(model, family)
     args.steps = args.steps or steps
     args.guidance_scale = guidance_scale if args.guidance_scale is None else args.guidance_scale
@@ -102,13 +123,13 @@ def main():
     seeds = [args.seed + i for i in range(args.num_images)]
     rows = []
     for prompt in args.prompt:
-        base_images = render(pipe, prompt, seeds, args) if args.compare or not checkpoint else []
+        base_images = render(pipe, prompt, seeds, args, **pipeline_kwargs) if args.compare or not checkpoint else []
         images = base_images
         if checkpoint:
             pooled = common.encode_pooled(pipe, [prompt]).to(device)
             factors = common.generate_factors(network, pooled)
             strength = common.apply_factors(layers, factors, checkpoint["config"]["alpha"] / checkpoint["config"]["rank"])
-            images = render(pipe, prompt, seeds, args)
+            images = render(pipe, prompt, seeds, args, **pipeline_kwargs)
             clear_lora_factors(layers)
             print(f"|dW| = {strength.item():8.4f}  {prompt}")
 

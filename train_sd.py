@@ -93,6 +93,8 @@ def main():
     args = parse_args()
     torch.manual_seed(args.seed)
     device, args.dtype, torch_dtype = common.resolve_device_and_dtype(args.device, args.dtype)
+    # Check the concepts before loading the model, which can take minutes.
+    concepts = trainer.read_concepts(args)
 
     # The frozen model: one copy, whose LoRA can be switched off for the base predictions.
     pipe = common.load_pipeline(args.model, "sd", torch_dtype, device)
@@ -102,7 +104,6 @@ def main():
     layers = inject_lora(pipe.unet, args.target, args.rank, args.alpha)
 
     # Prompts: each concept inside every template, its anchor in the same template, and retain prompts.
-    concepts = trainer.read_concepts(args)
     if common.is_toy_model(args.model) and not args.templates_file:
         templates_for, builtin_retain = common.toy_concept_templates, common.toy_retain_prompts(concepts)
     else:

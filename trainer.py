@@ -33,7 +33,7 @@ from common import (
     save_checkpoint,
 )
 from hypernet import HyperNetwork, StaticLoRA, count_parameters
-from lora_inject import clear_lora_factors, layer_shapes, lora_delta_norm, set_lora_factors
+from lora_inject import clear_lora_factors, layer_shapes, lora_delta_norm, lora_delta_norm_squared, set_lora_factors
 
 # In `fields`, a quarter of the trajectory segments start at s = 0, where H(e, 0) is exactly the base
 # model, so the start of the trajectory stays anchored while the rest of it is learned.
@@ -193,7 +193,6 @@ class ErasureTrainer:
             with torch.no_grad():
                 for leaf, grad in zip(leaves, grads):
                     leaf -= step_size.view(-1, *[1] * (grad.ndim - 1)) * grad
-        loss_end = self.task_loss(theta, x_t, timesteps, index, target).detach()
 
         # Removal: H(e, s + K) regresses onto the end of the segment, held fixed.
         predicted = self.network(pooled[index], (starts + jumps).to(self.device))
@@ -208,8 +207,7 @@ class ErasureTrainer:
         retention = squared_distance(self.network(retain_pooled, retain_steps), retain_start)
 
         loss = removal + args.retain_weight * retention
-        return loss, {"task": loss_start.mean().item(), "task_after": loss_end.mean().item(),
-                      "removal": removal.item(), "retention": retention.item()}
+        return loss, {"task": loss_start.mean().item(), "removal": removal.item(), "retention": retention.item()}
 
     def direct_loss(self, generator):
         """Back-propagate L_task through the LoRA at s = S, with output matching on retain prompts."""
@@ -231,7 +229,7 @@ class ErasureTrainer:
             eps_lora = self.denoiser.predict(x_r, t_r, retain_cond)
         clear_lora_factors(self.layers)
         output_match = per_sample_mse(eps_lora, eps_base).mean()
-        norm_penalty = lora_delta_norm(retain_factors, self.scale).pow(2).mean()
+        norm_penalty = lora_delta_norm_squared(retain_factors, self.scale).mean()
 
         retention = output_match + args.norm_weight * norm_penalty
         loss = task + args.retain_weight * retention
@@ -315,6 +313,9 @@ def train(trainer, config, resume_path=None):
 
     progress = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="train", dynamic_ncols=True)
     started = time.perf_counter()
+    # Steps whose optimizer update is applied: what an interrupted run saves, so a resumed run
+    # neither repeats nor skips a step.
+    completed = step
     try:
         for step in progress:
             network.train()
@@ -332,6 +333,7 @@ def train(trainer, config, resume_path=None):
             scaler.step(optimizer)
             scaler.update()
             lr_scheduler.step()
+            completed = step + 1
 
             progress.set_postfix({name: f"{value:.4g}" for name, value in terms.items()})
             done = step + 1
@@ -348,13 +350,31 @@ def train(trainer, config, resume_path=None):
                 save(done)
     except KeyboardInterrupt:
         progress.close()
-        # The step that was interrupted is lost; the optimizer holds everything before it.
-        save(step)
-        print(f"\ninterrupted: saved step {step} to {args.out}; continue with --resume {args.out}")
+        # The checkpoint contains every step whose optimizer update finished, so an interrupted step is lost.
+        save(completed)
+        print(f"\ninterrupted: saved step {completed} to {args.out}; continue with --resume {args.out}")
         raise SystemExit(130)
     progress.close()
     save(args.steps)
     return args.steps
+
+
+def run_training(erasure, family, denoiser_model, concepts, erase_prompts, retain_prompts):
+    """Calibrate --inner-lr if it is "auto", print the banner, train, and print the final LoRA strengths.
+
+    These steps are the same for every model family once its ErasureTrainer is built.
+    """
+    args = erasure.args
+    if args.objective == "fields" and not args.static and args.inner_lr == "auto":
+        args.inner_lr, grad_norm = erasure.calibrate_inner_lr(torch.Generator().manual_seed(args.seed))
+        print(f"calibrated --inner-lr {args.inner_lr:.4g} (median task-loss gradient norm {grad_norm:.3g} at s = 0)")
+
+    print_banner(args, erasure.network, denoiser_model, erase_prompts, retain_prompts)
+    config = make_config(args, family, erasure.network, concepts, retain_prompts, erase_prompts)
+    train(erasure, config, args.resume)
+
+    erase_norm, retain_norm = erasure.lora_strengths()
+    print(f"saved {args.out}: mean |dW| {erase_norm:.3g} on erase prompts, {retain_norm:.3g} on retain prompts")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -231,3 +231,38 @@ def _build_t5_tokenizer(words):
 
     # extra_ids=0 leaves out the 100 sentinel tokens, which only T5's span-corruption pretraining uses.
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=MAX_TOKENS)
+
+
+def make_tiny_clip(path, seed=0, words=DEFAULT_WORDS, image_size=32):
+    """Write a tiny `CLIPModel` with its `CLIPProcessor` to `path` and return (model, processor).
+
+    The folder loads with `CLIPModel.from_pretrained` and `CLIPProcessor.from_pretrained` like a downloaded
+    CLIP. The vision tower sees `image_size` pixels in 8x8 patches; the processor resizes any image to that.
+    """
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = build_tokenizer(words, model_max_length=MAX_TOKENS)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    config = CLIPConfig(
+        text_config=_clip_text_config(len(tokenizer), hidden_act="quick_gelu").to_dict(),
+        vision_config={
+            "hidden_size": CLIP_HIDDEN_SIZE,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": image_size,
+            "patch_size": 8,
+            "hidden_act": "quick_gelu",
+        },
+        projection_dim=8,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(config)
+
+    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return model, processor
