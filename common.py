@@ -72,6 +72,10 @@ def run_cli(main):
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # The training loop saves its own checkpoint on Ctrl-C; this is an interrupt before or after it.
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -312,8 +316,8 @@ def check_checkpoint_fits(checkpoint, model_name, family, shapes, checkpoint_pat
     trained_for = f"{config['model']} ({config['family']}, target {config['target']})"
     if config["family"] != family:
         raise UserError(
-            f"checkpoint {checkpoint_path} was trained for {trained_for}, a {config['family']} model, "
-            f"but {model_name} is a {family} model"
+            f"checkpoint {checkpoint_path} was trained for {trained_for}, a {FAMILY_NAMES[config['family']]} model, "
+            f"but {model_name} is a {FAMILY_NAMES[family]} model"
         )
     expected = {name: tuple(shape) for name, shape in config["network"]["layer_shapes"].items()}
     for name, shape in expected.items():

@@ -14,11 +14,13 @@ Task loss for an erase prompt p with anchor a (ESD's negative guidance, eta = --
     L_task(theta) = || eps_{base + dW(theta)}(x_t, t, p) - target ||^2
 """
 
+import contextlib
 import math
 import random
 import time
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -269,6 +271,39 @@ class ErasureTrainer:
         return erase, retain
 
 
+# ----------------------------------------------------------------------------------------------------
+# Gradient checkpointing with LoRA factors that are set from outside the model
+
+def lora_checkpoint_function(layers):
+    """Return a gradient checkpointing function that recomputes each block with its forward pass's LoRA.
+
+    The trainer sets LoRA factors before a forward pass and clears them before the backward pass, so
+    diffusers' default checkpointing would recompute the blocks with no LoRA at all: a CheckpointError
+    or wrong gradients. Pass the result to `model.enable_gradient_checkpointing(...)`.
+    """
+    def checkpoint(module, *args):
+        forward_factors = {name: (layer.lora_A, layer.lora_B) for name, layer in layers.items()}
+
+        @contextlib.contextmanager
+        def recompute_with_forward_factors():
+            current = {name: (layer.lora_A, layer.lora_B) for name, layer in layers.items()}
+            set_lora_factors(layers, forward_factors)
+            try:
+                yield
+            finally:
+                set_lora_factors(layers, current)
+
+        # context_fn returns (context of the forward pass, context of the recomputation).
+        return torch.utils.checkpoint.checkpoint(
+            module.__call__,
+            *args,
+            use_reentrant=False,
+            context_fn=lambda: (contextlib.nullcontext(), recompute_with_forward_factors()),
+        )
+
+    return checkpoint
+
+
 def cosine_schedule(optimizer, total_steps, warmup_steps):
     """Linear warm-up, then cosine decay to zero over the run."""
     def factor(step):
@@ -302,6 +337,8 @@ def train(trainer, config, resume_path=None):
         if checkpoint["scaler"] is not None:
             scaler.load_state_dict(checkpoint["scaler"])
         step = checkpoint["step"]
+        if step >= args.steps:
+            raise UserError(f"{resume_path} is already at step {step}; pass --steps above {step} to train further")
         generator.manual_seed(args.seed + step)
         print(f"resumed from {resume_path} at step {step}")
 

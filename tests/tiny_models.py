@@ -237,7 +237,8 @@ def make_tiny_clip(path, seed=0, words=DEFAULT_WORDS, image_size=32):
     """Write a tiny `CLIPModel` with its `CLIPProcessor` to `path` and return (model, processor).
 
     The folder loads with `CLIPModel.from_pretrained` and `CLIPProcessor.from_pretrained` like a downloaded
-    CLIP. The vision tower sees `image_size` pixels in 8x8 patches; the processor resizes any image to that.
+    CLIP. The vision tower takes square images of `image_size` pixels in 8x8 patches, and the processor
+    resizes any image to that size.
     """
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
