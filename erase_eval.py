@@ -1276,12 +1276,13 @@ def main(argv=None):
         require_nudenet()
 
     # Setup: the checkpoint names the model and the erased concepts; sample.py's defaults set the sampler.
-    device, args.dtype, torch_dtype = common.resolve_device_and_dtype(args.device, args.dtype)
     # Denormal floats slowed the toy model about fivefold in one run on a 2-core CPU. Flushing them to
     # zero changes only values below float32's normal range.
     torch.set_flush_denormal(True)
     checkpoint = common.load_checkpoint(args.hypernet)
     config = checkpoint["config"]
+    cuda_default = "bf16" if config["family"] == "flux" else "fp16"
+    device, args.dtype, torch_dtype = common.resolve_device_and_dtype(args.device, args.dtype, cuda_default)
     model = args.model or config["model"]
     resolve_sampling(args, model, config["family"])
 

@@ -92,16 +92,17 @@ class StableDiffusionDenoiser:
 def main():
     args = parse_args()
     torch.manual_seed(args.seed)
+    torch.set_flush_denormal(True)  # denormal floats can slow CPU training several times over
     device, args.dtype, torch_dtype = common.resolve_device_and_dtype(args.device, args.dtype)
     # Check the concepts before loading the model, which can take minutes.
     concepts = trainer.read_concepts(args)
 
     # The frozen model: one copy, whose LoRA can be switched off for the base predictions.
     pipe = common.load_pipeline(args.model, "sd", torch_dtype, device)
-    if args.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
-    pipe.unet.train(args.gradient_checkpointing)  # diffusers checkpoints only in training mode
     layers = inject_lora(pipe.unet, args.target, args.rank, args.alpha)
+    if args.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing(trainer.lora_checkpoint_function(layers))
+    pipe.unet.train(args.gradient_checkpointing)  # diffusers checkpoints only in training mode
 
     # Prompts: each concept inside every template, its anchor in the same template, and retain prompts.
     if common.is_toy_model(args.model) and not args.templates_file:
@@ -129,16 +130,7 @@ def main():
     denoiser = StableDiffusionDenoiser(pipe, args.sampling_steps, args.start_guidance)
     erasure = trainer.ErasureTrainer(args, denoiser, layers, network, prompts, device, torch_dtype)
 
-    if args.objective == "fields" and not args.static and args.inner_lr == "auto":
-        args.inner_lr, grad_norm = erasure.calibrate_inner_lr(torch.Generator().manual_seed(args.seed))
-        print(f"calibrated --inner-lr {args.inner_lr:.4g} (median task-loss gradient norm {grad_norm:.3g} at s = 0)")
-
-    trainer.print_banner(args, network, pipe.unet, erase_prompts, retain_prompts)
-    config = trainer.make_config(args, "sd", network, concepts, retain_prompts, erase_prompts)
-    trainer.train(erasure, config, args.resume)
-
-    erase_norm, retain_norm = erasure.lora_strengths()
-    print(f"saved {args.out}: mean |dW| {erase_norm:.3g} on erase prompts, {retain_norm:.3g} on retain prompts")
+    trainer.run_training(erasure, "sd", pipe.unet, concepts, erase_prompts, retain_prompts)
 
 
 if __name__ == "__main__":

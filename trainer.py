@@ -88,7 +88,7 @@ class ErasureTrainer:
         self.autocast_dtype = autocast_dtype
         self.scale = args.alpha / args.rank
         self.steps_S = getattr(network, "trajectory_steps", 0)
-        self.xt_cache = []
+        self.xt_cache = {}  # kind -> [(x_t, timestep, prompt index)]
 
     def autocast(self):
         device_type = "cuda" if str(self.device).startswith("cuda") else "cpu"
@@ -106,28 +106,30 @@ class ErasureTrainer:
         clear_lora_factors(self.layers)
         return x_t.float(), timesteps
 
-    def draw_x_t(self, index, factors_for, generator):
-        """x_t for erase prompts `index`, fresh or partly from the cache (--xt-cache).
+    def draw_x_t(self, kind, index, factors_for, generator):
+        """x_t for the `kind` ("erase" or "retain") prompts `index`, fresh or partly from the cache.
 
-        Cached x_t were sampled with an earlier state of the network: a cheap approximation of ESD's
-        sampling with the current one.
+        With --xt-cache, a quarter of the batch is sampled afresh and the rest is drawn from the
+        latest x_t of the same kind. Cached x_t were sampled with an earlier state of the network: a
+        cheap approximation of ESD's sampling with the current one. Returns (x_t, timesteps, index),
+        where index names the prompt each row was sampled for.
         """
+        cond = self.prompts[f"{kind}_cond"]
         if self.args.xt_cache <= 0:
-            x_t, timesteps = self.sample_x_t(cond_rows(self.prompts["erase_cond"], index), factors_for(index), generator)
+            x_t, timesteps = self.sample_x_t(cond_rows(cond, index), factors_for(index), generator)
             return x_t, timesteps, index
 
-        # Sample a quarter of the batch afresh and reuse cached x_t for the rest.
         fresh = max(1, len(index) // 4)
-        erase_cond = cond_rows(self.prompts["erase_cond"], index[:fresh])
-        x_t, timesteps = self.sample_x_t(erase_cond, factors_for(index[:fresh]), generator)
+        x_t, timesteps = self.sample_x_t(cond_rows(cond, index[:fresh]), factors_for(index[:fresh]), generator)
+        cache = self.xt_cache.setdefault(kind, [])
         for row in range(fresh):
-            self.xt_cache.append((x_t[row], timesteps[row], int(index[row])))
-        del self.xt_cache[:-self.args.xt_cache]
+            cache.append((x_t[row], timesteps[row], int(index[row])))
+        del cache[:-self.args.xt_cache]
 
-        picks = [random.randrange(len(self.xt_cache)) for _ in range(len(index) - fresh)]
-        x_t = torch.cat([x_t] + [self.xt_cache[i][0][None] for i in picks])
-        timesteps = torch.cat([timesteps] + [self.xt_cache[i][1][None] for i in picks])
-        index = torch.cat([index[:fresh], torch.tensor([self.xt_cache[i][2] for i in picks], dtype=torch.long)])
+        picks = [random.randrange(len(cache)) for _ in range(len(index) - fresh)]
+        x_t = torch.cat([x_t] + [cache[i][0][None] for i in picks])
+        timesteps = torch.cat([timesteps] + [cache[i][1][None] for i in picks])
+        index = torch.cat([index[:fresh], torch.tensor([cache[i][2] for i in picks], dtype=torch.long)])
         return x_t, timesteps, index
 
     @torch.no_grad()
@@ -154,7 +156,7 @@ class ErasureTrainer:
         the prompts they were sampled for, so the returned index is the one to use afterwards.
         """
         index = torch.randint(0, len(self.prompts["erase_pooled"]), (self.args.batch_size,), generator=generator)
-        x_t, timesteps, index = self.draw_x_t(index, factors_for, generator)
+        x_t, timesteps, index = self.draw_x_t("erase", index, factors_for, generator)
         target = self.negative_guidance_target(x_t, timesteps, index)
         return index, x_t, timesteps, target
 
@@ -200,13 +202,15 @@ class ErasureTrainer:
         predicted = self.network(pooled[index], (starts + jumps).to(self.device))
         removal = squared_distance(predicted, detach_factors(theta))
 
-        # Retention: for a retain prompt and a random s, H(e_r, s) is pulled onto H(e_r, 0).
+        # Retention: for a retain prompt and a random s, H(e_r, s) is pulled onto H(e_r, 0). The distance
+        # is measured on the weight update, ||dW(e_r, s) - dW(e_r, 0)||^2 = ||dW(e_r, s)||^2 since
+        # dW(e_r, 0) = 0: a distance on the factors would also penalise A, which changes nothing while
+        # B is zero, and would weigh B by nothing but its element count.
         retain_index = torch.randint(0, len(self.prompts["retain_pooled"]), (batch,), generator=generator)
         retain_pooled = self.prompts["retain_pooled"][retain_index]
         retain_steps = torch.randint(1, S + 1, (batch,), generator=generator).to(self.device)
-        with torch.no_grad():
-            retain_start = self.network(retain_pooled, 0)
-        retention = squared_distance(self.network(retain_pooled, retain_steps), retain_start)
+        retain_factors = self.network(retain_pooled, retain_steps)
+        retention = lora_delta_norm_squared(retain_factors, self.scale).mean()
 
         loss = removal + args.retain_weight * retention
         return loss, {"task": loss_start.mean().item(), "removal": removal.item(), "retention": retention.item()}
@@ -220,10 +224,12 @@ class ErasureTrainer:
 
         # Retention: the LoRA-equipped prediction on a retain prompt should match the frozen one, and
         # the LoRA written for it should be small: ||dW(e_r)||^2 weighted by --norm-weight.
-        retain_index = torch.randint(0, len(self.prompts["retain_pooled"]), (args.batch_size,), generator=generator)
+        retain_pooled = self.prompts["retain_pooled"]
+        retain_index = torch.randint(0, len(retain_pooled), (args.batch_size,), generator=generator)
+        with torch.no_grad():
+            x_r, t_r, retain_index = self.draw_x_t("retain", retain_index, lambda i: self.network(retain_pooled[i], S), generator)
         retain_cond = cond_rows(self.prompts["retain_cond"], retain_index)
-        retain_factors = self.network(self.prompts["retain_pooled"][retain_index], S)
-        x_r, t_r = self.sample_x_t(retain_cond, retain_factors, generator)
+        retain_factors = self.network(retain_pooled[retain_index], S)
         with torch.no_grad(), self.autocast():
             eps_base = self.denoiser.predict(x_r, t_r, retain_cond).float()
         set_lora_factors(self.layers, retain_factors)

@@ -159,8 +159,8 @@ def test_flux_checkpoint_on_sd_rejected(tmp_path, tiny_flux_dir, tiny_sd_dir):
 
     message = str(error.value)
     assert "\n" not in message
-    assert "a flux model" in message
-    assert "sd-model is a sd model" in message
+    assert "a Flux model" in message
+    assert "sd-model is a Stable Diffusion model" in message
 
 
 def test_sd_checkpoint_on_flux_rejected(sd_checkpoint, tiny_flux_dir):
@@ -171,8 +171,8 @@ def test_sd_checkpoint_on_flux_rejected(sd_checkpoint, tiny_flux_dir):
         common.attach_checkpoint(pipe, common.load_checkpoint(path), path, "flux-model")
 
     message = str(error.value)
-    assert "a sd model" in message
-    assert "flux-model is a flux model" in message
+    assert "a Stable Diffusion model" in message
+    assert "flux-model is a Flux model" in message
 
 
 def test_foreign_torch_file_rejected(tmp_path):
