@@ -89,7 +89,8 @@ class HyperNetwork(nn.Module):
 
     kind = "hypernet"
 
-    def __init__(self, layer_shapes, embed_dim, rank, hidden_dim=512, trajectory_steps=300, num_step_features=32):
+    def __init__(self, layer_shapes, embed_dim, rank, hidden_dim=512, trajectory_steps=300, num_step_features=32,
+                 prompt_gate=True):
         super().__init__()
         self.config = dict(
             kind=self.kind,
@@ -99,6 +100,7 @@ class HyperNetwork(nn.Module):
             hidden_dim=hidden_dim,
             trajectory_steps=trajectory_steps,
             num_step_features=num_step_features,
+            prompt_gate=prompt_gate,
         )
         self.trajectory_steps = trajectory_steps
         self.num_step_features = num_step_features
@@ -109,6 +111,12 @@ class HyperNetwork(nn.Module):
             nn.Linear(hidden_dim, hidden_dim),
             nn.SiLU(),
         )
+
+        # The prompt gate g(e) in (0, 1) scales every B of a prompt: one number per prompt that retention
+        # can drive to zero, so "stay silent" need not be learned separately by every head.
+        self.gate = None
+        if prompt_gate:
+            self.gate = nn.Sequential(nn.Linear(embed_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, 1))
 
         self.groups = group_layers_by_shape(layer_shapes)
         self.heads = nn.ModuleList(
@@ -128,6 +136,8 @@ class HyperNetwork(nn.Module):
         features = torch.cat([e, step_features(s, self.trajectory_steps, self.num_step_features)], dim=-1)
         trunk_features = self.trunk(features)  # (batch, hidden)
         step_scale = s.float() / self.trajectory_steps  # (batch,)
+        if self.gate is not None:
+            step_scale = step_scale * torch.sigmoid(self.gate(e)).squeeze(-1)
 
         factors = {}
         for ((_, _), names), head in zip(self.groups, self.heads):
@@ -182,6 +192,7 @@ def build_from_config(config):
             hidden_dim=config["hidden_dim"],
             trajectory_steps=config["trajectory_steps"],
             num_step_features=config["num_step_features"],
+            prompt_gate=config.get("prompt_gate", False),
         )
     raise ValueError(f"unknown network kind {config['kind']!r}; valid: hypernet, static")
 

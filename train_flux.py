@@ -25,9 +25,8 @@ are freed. One transformer serves both the frozen predictions (LoRA cleared) and
 
 NOTE: estimated, not measured on a GPU, for FLUX.1-dev at 512 px in bf16 with target `vo`: 22 GiB of
 transformer weights, plus about 8 GiB of saved activations per prompt in a forward pass with gradients,
-or about 0.7 GiB with --gradient-checkpointing. --inner-lr auto runs 8 prompts in one such pass, so
-without checkpointing the run peaks near 90 GiB at its start. With it, the peak is about 32 GiB, while
-the text encoders are loaded.
+or about 0.7 GiB with --gradient-checkpointing. With checkpointing the peak is about 32 GiB, while the
+text encoders are loaded; without it, a training step at batch 2 peaks near 40 GiB.
 """
 
 import argparse

@@ -22,10 +22,13 @@ import trainer
 from lora_inject import TARGET_SETS, inject_lora
 
 # Defaults for the shipped toy model, measured to erase a shape in a few minutes on 2 CPU cores.
-# Options given on the command line override them.
+# A stronger negative guidance and learning rate than on SD: with eta = 1 and lr 1e-3, 300 steps left
+# about a third of the circles. Options given on the command line override them.
 TOY_PRESET = {
     "steps": 300,
     "batch_size": 8,
+    "lr": 3e-3,
+    "negative_guidance": 3.0,
     "trajectory_steps": 50,
     "hidden_dim": 128,
     "start_guidance": 4.0,

@@ -254,16 +254,20 @@ class ErasureTrainer:
         """
         pooled = self.prompts["erase_pooled"]
         count = min(CALIBRATION_PROMPTS, len(pooled))
-        index = torch.randperm(len(pooled), generator=generator)[:count]
-        with torch.no_grad():
-            theta = detach_factors(self.network(pooled[index], 0), requires_grad=True)
-        x_t, timesteps = self.sample_x_t(cond_rows(self.prompts["erase_cond"], index), theta, generator)
-        target = self.negative_guidance_target(x_t, timesteps, index)
-        losses = self.task_loss(theta, x_t, timesteps, index, target)
-        leaves = [tensor for pair in theta.values() for tensor in pair]
-        grads = torch.autograd.grad(losses.sum(), leaves)
-        norms = torch.sqrt(sum(g.pow(2).flatten(1).sum(dim=1) for g in grads))
-        median_norm = norms.median().item()
+        all_index = torch.randperm(len(pooled), generator=generator)[:count]
+
+        # Chunks of --batch-size keep the memory of this pass at that of a training step.
+        norms = []
+        for index in all_index.split(self.args.batch_size):
+            with torch.no_grad():
+                theta = detach_factors(self.network(pooled[index], 0), requires_grad=True)
+            x_t, timesteps = self.sample_x_t(cond_rows(self.prompts["erase_cond"], index), theta, generator)
+            target = self.negative_guidance_target(x_t, timesteps, index)
+            losses = self.task_loss(theta, x_t, timesteps, index, target)
+            leaves = [tensor for pair in theta.values() for tensor in pair]
+            grads = torch.autograd.grad(losses.sum(), leaves)
+            norms.append(torch.sqrt(sum(g.pow(2).flatten(1).sum(dim=1) for g in grads)))
+        median_norm = torch.cat(norms).median().item()
         if not math.isfinite(median_norm) or median_norm <= 0:
             raise UserError(f"cannot calibrate --inner-lr: the task loss gradient norm is {median_norm}; pass --inner-lr")
         return self.args.inner_step_norm / median_norm, median_norm
@@ -441,8 +445,10 @@ def add_training_arguments(parser, default_model, default_target, targets, defau
     add("--alpha", type=float, default=4.0, help="LoRA alpha: dW = (alpha / rank) * B @ A")
     add("--hidden-dim", type=int, default=default_hidden_dim, help="width of the hypernetwork's MLP")
     add("--trajectory-steps", type=int, default=300, help="S: trajectory length; inference uses H(e, S)")
-    add("--objective", default="fields", choices=["fields", "direct"],
-        help="fields: match the trajectory of gradient descent on the task loss; direct: back-propagate it")
+    # direct is the default because it erased best on the toy world (BENCHMARKS.md has the comparison).
+    add("--objective", default="direct", choices=["fields", "direct"],
+        help="direct: back-propagate the task loss into the hypernetwork; fields: match the trajectory of "
+             "gradient descent on the task loss")
     add("--static", action="store_true", help="train one static LoRA for all prompts instead of a hypernetwork")
     add("--inner-lr", default="auto",
         help="fields: lr of the plain gradient steps on the LoRA factors; 'auto' calibrates it at start")

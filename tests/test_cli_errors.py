@@ -174,7 +174,7 @@ def test_fp16_on_cpu_rejected(tiny_sd_dir, monkeypatch, capsys):
 
 
 def test_static_with_fields_rejected(tiny_sd_dir, monkeypatch, capsys):
-    argv = ["--model", tiny_sd_dir, "--concept", "circle", "--static"]
+    argv = ["--model", tiny_sd_dir, "--concept", "circle", "--static", "--objective", "fields"]
 
     status, lines = run_main(train_sd, argv, monkeypatch, capsys)
 

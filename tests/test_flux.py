@@ -58,9 +58,10 @@ def assert_one_error_line(status, lines, expected):
 
 @pytest.fixture(scope="module")
 def flux_run(tiny_flux_dir, tmp_path_factory):
-    """A finished 4-step train_flux.py run with the default objective: (CompletedProcess, checkpoint path)."""
+    """A finished 4-step train_flux.py run of the fields objective: (CompletedProcess, checkpoint path)."""
     checkpoint = tmp_path_factory.mktemp("flux_run") / "ckpt.pt"
-    result = run_script("train_flux.py", "--model", tiny_flux_dir, *FLUX_TRAIN_ARGS, "--steps", 4, "--out", checkpoint)
+    result = run_script("train_flux.py", "--model", tiny_flux_dir, *FLUX_TRAIN_ARGS, "--objective", "fields",
+                        "--steps", 4, "--out", checkpoint)
     return result, checkpoint
 
 

@@ -17,9 +17,9 @@ from lora_inject import find_target_layers
 
 # (extra options, network kind, target) of each short training run.
 RUNS = {
-    "fields": ((), "hypernet", "xattn"),
+    "fields": (("--objective", "fields"), "hypernet", "xattn"),
     "static": (("--objective", "direct", "--static", "--target", "noxattn"), "static", "noxattn"),
-    "fields_bf16": (("--dtype", "bf16", "--target", "attn"), "hypernet", "attn"),
+    "fields_bf16": (("--objective", "fields", "--dtype", "bf16", "--target", "attn"), "hypernet", "attn"),
     "direct_bf16": (("--objective", "direct", "--dtype", "bf16"), "hypernet", "xattn"),
 }
 
