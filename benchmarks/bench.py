@@ -15,7 +15,6 @@ Four figures, each the median of --repeats timed runs after a warm-up, printed w
 import argparse
 import copy
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -266,15 +265,31 @@ def concept_scaling_figures(args, device, dtype):
 # ----------------------------------------------------------------------------------------------------
 # 4. Peak memory
 
+def process_memory_kib(field):
+    """A field of /proc/self/status in KiB: VmRSS is the resident set now, VmHWM its peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def reset_peak_memory(device):
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current resident set
+
+
 def peak_memory_bytes(device):
     if device == "cuda":
         return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports kilobytes
+    return process_memory_kib("VmHWM") * 1024
 
 
 def memory_probe(args, layout, device, dtype):
     """One training update in the given layout; print the peak memory it added to the process."""
-    before = peak_memory_bytes(device)
+    reset_peak_memory(device)
+    before = torch.cuda.memory_allocated() if device == "cuda" else process_memory_kib("VmRSS") * 1024
     unet = build_unet(args, device, dtype)
     x_t, timesteps, prompt_embeds, pooled, target = random_batch(unet, args.batch_size, device, dtype)
 
@@ -323,6 +338,7 @@ def memory_figures(args):
 
 def main():
     args = parse_args()
+    torch.set_flush_denormal(True)  # denormal floats can slow CPU kernels several times over
     device = "cuda" if args.full else "cpu"
     if args.full and not torch.cuda.is_available():
         raise common.UserError("--full needs a CUDA GPU; run without --full on a CPU")
