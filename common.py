@@ -1,4 +1,4 @@
-"""What the training, sampling and evaluation scripts share: models, prompts, checkpoints, errors."""
+"""Code shared by the training, sampling and evaluation scripts: models, prompts, checkpoints, errors."""
 
 import csv
 import json
@@ -133,7 +133,7 @@ def load_pipeline(model, family, dtype=torch.float32, device="cpu"):
     if family == "sd":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
 
-    # The hub client logs connection warnings before it raises; the UserError below says it once.
+    # The hub client logs connection warnings before it raises; the UserError below reports it once.
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
@@ -394,7 +394,7 @@ def toy_concept_templates(concept):
 
 
 def toy_retain_prompts(concepts):
-    """Every training caption of the toy world that names none of the concepts nor their synonyms."""
+    """Return every training caption of the toy world that names none of the concepts nor their synonyms."""
     import toy_world
 
     excluded = set()

@@ -6,7 +6,7 @@ method:
 
   * B = (s / S) * B_head(...), so dW(e, 0) = 0 for every prompt: the trajectory starts at the
     unchanged model. At inference the LoRA is H(e, S).
-  * Layers of equal shape share one output head and are told apart by a learned layer embedding,
+  * Layers of equal shape share one output head and are distinguished by a learned layer embedding,
     so the network grows with the number of distinct shapes, not with the number of layers.
 
 StaticLoRA is the classic alternative: one learned LoRA for every prompt, with the same interface,

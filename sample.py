@@ -62,7 +62,7 @@ def default_sampling(model, family):
 
 
 def render(pipe, prompt, seeds, args, **pipeline_kwargs):
-    """Render one prompt at the given seeds, one generator per image so each seed stands alone."""
+    """Render one prompt at the given seeds, one generator per image so each image depends only on its seed."""
     generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
     output = pipe(
         prompt,

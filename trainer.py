@@ -340,7 +340,7 @@ def train(trainer, config, resume_path=None):
     if resume_path:
         checkpoint = load_checkpoint(resume_path)
         if checkpoint["config"]["network"] != network.config:
-            raise UserError(f"cannot resume from {resume_path}: it holds a network of another configuration")
+            raise UserError(f"cannot resume from {resume_path}: it contains a network with a different configuration; use the options it was trained with")
         network.load_state_dict(checkpoint["network"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
@@ -552,7 +552,7 @@ def build_network(args, layers, embed_dim):
 
 
 def make_config(args, family, network, concepts, retain_prompts, erase_prompts):
-    """The plain dictionary stored in every checkpoint: enough to rebuild and use the network."""
+    """Return the plain dictionary stored in every checkpoint: enough to rebuild and use the network."""
     return {
         "model": args.model,
         "family": family,
