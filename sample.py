@@ -147,7 +147,8 @@ def main():
             grid = grid.resize((grid.width * factor, grid.height * factor), resample=0)
         grid.save(out_dir / "compare.png")
         print(f"saved {out_dir / 'compare.png'}: base model on the left, erased model on the right, one row per image")
-    print(f"saved {len(args.prompt) * len(seeds)} images to {out_dir}/")
+    copies = 2 if args.compare and checkpoint else 1  # --compare also saves the base model's images
+    print(f"saved {len(args.prompt) * len(seeds) * copies} images to {out_dir}/")
 
 
 if __name__ == "__main__":

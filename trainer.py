@@ -314,6 +314,20 @@ def lora_checkpoint_function(layers):
     return checkpoint
 
 
+def peak_memory_gib(device):
+    """Peak GPU memory allocated by torch, or on a CPU the process's peak resident set (Linux only)."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # the file reports KiB
+    except OSError:
+        pass
+    return float("nan")
+
+
 def cosine_schedule(optimizer, total_steps, warmup_steps):
     """Linear warm-up, then cosine decay to zero over the run."""
     def factor(step):
@@ -387,7 +401,7 @@ def train(trainer, config, resume_path=None):
             if done % args.log_every == 0 or done == args.steps:
                 erase_norm, retain_norm = trainer.lora_strengths()
                 rate = (done - progress.initial) / (time.perf_counter() - started)
-                memory = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+                memory = peak_memory_gib(device)
                 line = " ".join(f"{name} {value:.4g}" for name, value in terms.items())
                 tqdm.write(
                     f"step {done}: {line} | |dW| erase {erase_norm:.3g} retain {retain_norm:.3g} | "
