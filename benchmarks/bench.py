@@ -44,7 +44,7 @@ SD14_UNET = dict(
     attention_head_dim=8,
 )
 REDUCED_UNET = dict(SD14_UNET, sample_size=32, block_out_channels=(32, 64, 128, 128), norm_num_groups=32)
-TEXT_TOKENS = 77  # CLIP ViT-L/14's context length, the length SD 1.4's cross-attention sees
+TEXT_TOKENS = 77  # CLIP ViT-L/14's context length, the number of text tokens SD 1.4's cross-attention attends to
 RANK = 4
 HIDDEN_DIM = 512
 TRAJECTORY_STEPS = 300
@@ -266,7 +266,7 @@ def concept_scaling_figures(args, device, dtype):
 # 4. Peak memory
 
 def process_memory_kib(field):
-    """A field of /proc/self/status in KiB: VmRSS is the resident set now, VmHWM its peak."""
+    """Return a field of /proc/self/status in KiB: VmRSS is the resident set now, VmHWM its peak."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
@@ -287,7 +287,7 @@ def peak_memory_bytes(device):
 
 
 def memory_probe(args, layout, device, dtype):
-    """One training update in the given layout; print the peak memory it added to the process."""
+    """Run one training update in the given layout and print the peak memory it added to the process."""
     reset_peak_memory(device)
     before = torch.cuda.memory_allocated() if device == "cuda" else process_memory_kib("VmRSS") * 1024
     unet = build_unet(args, device, dtype)

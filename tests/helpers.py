@@ -1,9 +1,13 @@
-"""Helpers shared by the Stable Diffusion tests: running the scripts and small training settings."""
+"""Helpers shared by the tests: running the scripts, small training settings, measuring the task loss."""
 
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
+
+import trainer
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 
@@ -48,3 +52,21 @@ def run_script(script, *args, timeout=300):
 def error_lines(stderr):
     """The non-empty lines of a script's stderr."""
     return [line for line in stderr.splitlines() if line.strip()]
+
+
+def measure_task_loss(erasure, seed=123):
+    """Return the mean task loss of the LoRA at s = S on every erase prompt, three times, at fixed x_t.
+
+    x_t is sampled from the base model with its own generator, so the value before and after training
+    is computed on the same inputs.
+    """
+    pooled = erasure.prompts["erase_pooled"]
+    index = torch.arange(len(pooled)).repeat(3)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        base_factors = erasure.network(pooled[index], 0)  # B = 0 at s = 0: the base model
+        erase_cond = trainer.cond_rows(erasure.prompts["erase_cond"], index)
+        x_t, timesteps = erasure.sample_x_t(erase_cond, base_factors, generator)
+        target = erasure.negative_guidance_target(x_t, timesteps, index)
+        factors = erasure.network(pooled[index], erasure.steps_S)
+        return erasure.task_loss(factors, x_t, timesteps, index, target).mean().item()

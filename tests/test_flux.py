@@ -16,7 +16,7 @@ import common
 import sample
 import train_flux
 import trainer
-from helpers import error_lines, run_script
+from helpers import error_lines, measure_task_loss, run_script
 from lora_inject import TARGET_SETS, clear_lora_factors, inject_lora, set_lora_factors
 
 RESOLUTION = 16
@@ -187,24 +187,6 @@ def test_sampler_matches_pipeline(flux_pipe):
     assert x_t.shape == (2, (RESOLUTION // 4) ** 2, 64)
     assert torch.equal(x_t, captured["latents"])
     assert torch.equal(timesteps, flux_pipe.scheduler.timesteps[stop].expand(2))
-
-
-def measure_task_loss(erasure, seed=123):
-    """Return the mean task loss of the LoRA at s = S on every erase prompt, three times, at fixed x_t.
-
-    x_t is sampled from the base model with its own generator, so the value before and after training
-    is computed on the same inputs.
-    """
-    pooled = erasure.prompts["erase_pooled"]
-    index = torch.arange(len(pooled)).repeat(3)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        base_factors = erasure.network(pooled[index], 0)  # B = 0 at s = 0: the base model
-        erase_cond = trainer.cond_rows(erasure.prompts["erase_cond"], index)
-        x_t, timesteps = erasure.sample_x_t(erase_cond, base_factors, generator)
-        target = erasure.negative_guidance_target(x_t, timesteps, index)
-        factors = erasure.network(pooled[index], erasure.steps_S)
-        return erasure.task_loss(factors, x_t, timesteps, index, target).mean().item()
 
 
 def test_direct_run_lowers_task_loss(tiny_flux_dir, tmp_path, monkeypatch, capsys):

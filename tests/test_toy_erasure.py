@@ -20,8 +20,8 @@ from lora_inject import clear_lora_factors, set_lora_factors
 SEEDS = list(range(500, 508))  # training draws its noise from seed 0; these seeds are never seen
 COLOURS = [name for names in toy_world.COLOURS.values() for name in names]
 
-# Measured with the toy preset on the shipped model, 4 seeds, this template and "a {colour} {shape}":
-# circles on circle prompts fell from 0.88 to 0.00 and on disc prompts from 0.83 to 0.00, while prompts
+# Measured with the toy preset on the shipped model, 4 seeds, this template and "a {colour} {shape}".
+# Circles on circle prompts fell from 0.88 to 0.00 and on disc prompts from 0.83 to 0.00. Prompts
 # naming other shapes kept their shape accuracy, with a mean pixel difference of 0.0008. The margins
 # leave room for other seeds and platforms.
 MAX_ERASED_CIRCLE_RATE = 0.15

@@ -12,7 +12,7 @@ import torch
 import common
 import train_sd
 import trainer
-from helpers import REPO_DIR, TINY_TRAIN_ARGS, run_script, script_command, script_env
+from helpers import REPO_DIR, TINY_TRAIN_ARGS, measure_task_loss, run_script, script_command, script_env
 from lora_inject import find_target_layers
 
 # (extra options, network kind, target) of each short training run.
@@ -67,24 +67,6 @@ def test_direct_run_writes_checkpoint(direct_run):
     assert loaded["config"]["network"]["kind"] == "hypernet"
     assert loaded["config"]["args"]["objective"] == "direct"
     assert "output_match" in result.stdout
-
-
-def measure_task_loss(erasure, seed=123):
-    """Return the mean task loss of the LoRA at s = S on every erase prompt, three times, at fixed x_t.
-
-    x_t is sampled from the base model with its own generator, so the value before and after training
-    is computed on the same inputs.
-    """
-    pooled = erasure.prompts["erase_pooled"]
-    index = torch.arange(len(pooled)).repeat(3)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        base_factors = erasure.network(pooled[index], 0)  # B = 0 at s = 0: the base model
-        erase_cond = trainer.cond_rows(erasure.prompts["erase_cond"], index)
-        x_t, timesteps = erasure.sample_x_t(erase_cond, base_factors, generator)
-        target = erasure.negative_guidance_target(x_t, timesteps, index)
-        factors = erasure.network(pooled[index], erasure.steps_S)
-        return erasure.task_loss(factors, x_t, timesteps, index, target).mean().item()
 
 
 def test_direct_run_lowers_task_loss(tiny_sd_dir, tmp_path, monkeypatch, capsys):
