@@ -602,11 +602,11 @@ def training_losses(unet, text_encoder, class_head, alphas_cumprod, batch, gener
     return diffusion_loss, shape_loss + colour_loss
 
 
-def learning_rate_factor(step, max_steps):
-    """Linear warm-up, then cosine decay to a tenth of the peak at max_steps."""
+def learning_rate_factor(step, schedule_steps):
+    """Linear warm-up, then cosine decay to a tenth of the peak at schedule_steps."""
     if step < WARMUP_STEPS:
         return (step + 1) / WARMUP_STEPS
-    progress = min(1.0, (step - WARMUP_STEPS) / max(1, max_steps - WARMUP_STEPS))
+    progress = min(1.0, (step - WARMUP_STEPS) / max(1, schedule_steps - WARMUP_STEPS))
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -647,7 +647,7 @@ def train(args):
 
     trained = list(unet.parameters()) + list(text_encoder.parameters()) + list(class_head.parameters())
     optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=WEIGHT_DECAY)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, args.max_steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, args.schedule_steps))
     ema_unet = copy.deepcopy(unet).requires_grad_(False)
     ema_text_encoder = copy.deepcopy(text_encoder).requires_grad_(False)
     ema_pipeline = assemble_pipeline(vae, ema_text_encoder, tokenizer, ema_unet)
@@ -822,7 +822,17 @@ def parse_args(argv=None):
     train_parser.add_argument("--out", default="toy_model", help="folder to write the pipeline to (default: toy_model)")
     train_parser.add_argument("--seed", type=int, default=0, help="seed for initialisation, data and noise (default: 0)")
     train_parser.add_argument(
-        "--max-steps", type=int, default=2400, help="training steps of the UNet and text encoder (default: 2400)"
+        "--max-steps",
+        type=int,
+        default=1800,
+        help="training steps of the UNet and text encoder; the shipped model is the snapshot of step 1800 (default: 1800)",
+    )
+    train_parser.add_argument(
+        "--schedule-steps",
+        type=int,
+        default=2400,
+        help="length of the cosine learning-rate decay, independent of where training stops, so a shorter "
+        "run follows the same schedule as a longer one (default: 2400)",
     )
     train_parser.add_argument(
         "--max-minutes",

@@ -20,14 +20,14 @@ from lora_inject import clear_lora_factors, set_lora_factors
 SEEDS = list(range(500, 508))  # training draws its noise from seed 0; these seeds are never seen
 COLOURS = [name for names in toy_world.COLOURS.values() for name in names]
 
-# Measured with the toy preset on the shipped model, 4 seeds, this template and "a {colour} {shape}".
-# Circles on circle prompts fell from 0.88 to 0.00 and on disc prompts from 0.83 to 0.00. Prompts
-# naming other shapes kept their shape accuracy, with a mean pixel difference of 0.0008. The margins
-# leave room for other seeds and platforms.
-MAX_ERASED_CIRCLE_RATE = 0.15
-MAX_SYNONYM_CIRCLE_RATE = 0.25
+# Measured with the toy preset on the shipped model, 4 seeds, this template and "a {colour} {shape}":
+# circles on circle prompts fell from 1.00 to 0.00 and on disc prompts from 1.00 to 0.00. Prompts
+# naming other shapes kept their shape accuracy of 1.00, with a mean pixel difference of 0.0002. The
+# margins leave room for other seeds and platforms.
+MAX_ERASED_CIRCLE_RATE = 0.10
+MAX_SYNONYM_CIRCLE_RATE = 0.15
 MIN_SQUARE_ACCURACY_RATIO = 0.9
-MAX_SQUARE_PIXEL_DIFFERENCE = 0.02
+MAX_SQUARE_PIXEL_DIFFERENCE = 0.01
 
 
 def readme_commands():
