@@ -20,6 +20,7 @@ Usage:
 import re
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -93,6 +94,7 @@ class LoRALinear(nn.Module):
         self.scale = alpha / rank
         self.lora_A = None  # (batch or 1, rank, in)
         self.lora_B = None  # (batch or 1, out, rank)
+        self._merged = None  # (lora_A, lora_B, W + scale * B A) for the last single set of factors
 
     @property
     def in_features(self):
@@ -110,10 +112,29 @@ class LoRALinear(nn.Module):
     def bias(self):
         return self.base.bias
 
+    def merged_weight(self):
+        """Return W + scale * B A for the one set of factors that is set, computing it once per set.
+
+        The merged weights are a second copy of the adapted layers until the factors are cleared: by
+        arithmetic, 34 MB for SD 1.4's `xattn` set and 2.2 GB for FLUX.1-dev's `vo` set in 16 bits.
+        """
+        if self._merged is None or self._merged[0] is not self.lora_A or self._merged[1] is not self.lora_B:
+            # (out, rank) @ (rank, in) -> (out, in), summed in fp32 and stored in the weight's dtype.
+            delta = self.lora_B[0].float() @ self.lora_A[0].float()
+            weight = (self.base.weight.float() + self.scale * delta).to(self.base.weight.dtype)
+            self._merged = (self.lora_A, self.lora_B, weight)
+        return self._merged[2]
+
     def forward(self, x):
-        y = self.base(x)
         if self.lora_A is None:
-            return y
+            return self.base(x)
+
+        # At inference with one set of factors for the whole batch (one prompt and its guidance copy),
+        # the LoRA folds into the weight once, so every later step costs what the plain layer costs.
+        if self.lora_A.shape[0] == 1 and not torch.is_grad_enabled():
+            return F.linear(x, self.merged_weight(), self.base.bias)
+
+        y = self.base(x)
 
         # x: (batch, ..., in). The factors carry one set per sample, or one set for the whole batch.
         # Under classifier-free guidance the pipeline stacks [uncond, cond] along the batch, so a
@@ -185,7 +206,7 @@ def set_lora_factors(layers, factors):
 def clear_lora_factors(layers):
     """Turn every adapter off, so the model computes exactly the frozen base prediction."""
     for layer in layers.values():
-        layer.lora_A, layer.lora_B = None, None
+        layer.lora_A, layer.lora_B, layer._merged = None, None, None
 
 
 class lora_disabled:

@@ -315,3 +315,36 @@ def test_lora_linear_keeps_linear_interface(unet):
         assert layer.weight is layer.base.weight
         assert layer.in_features == layer.base.in_features
         assert layer.out_features == layer.base.out_features
+
+
+def test_inference_merge_matches_unmerged():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(8, 6), rank=2, alpha=4)
+    x = torch.randn(3, 5, 8)
+    layer.lora_A, layer.lora_B = torch.randn(1, 2, 8), torch.randn(1, 6, 2)
+
+    with torch.no_grad():
+        merged = layer(x)
+    unmerged = layer(x)  # with gradients enabled the factors stay separate
+
+    assert layer._merged is not None
+    assert torch.allclose(merged, unmerged.detach(), atol=1e-5)
+
+
+def test_inference_merge_follows_new_factors():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(8, 6), rank=2, alpha=2)
+    x = torch.randn(4, 8)
+    layer.lora_A, layer.lora_B = torch.randn(1, 2, 8), torch.randn(1, 6, 2)
+    with torch.no_grad():
+        layer(x)
+
+    lora_A, lora_B = torch.randn(1, 2, 8), torch.randn(1, 6, 2)
+    layer.lora_A, layer.lora_B = lora_A, lora_B
+    with torch.no_grad():
+        output = layer(x)
+    expected = layer.base(x) + x @ (lora_B[0] @ lora_A[0]).T
+
+    assert torch.allclose(output, expected, atol=1e-5)
+    clear_lora_factors({"layer": layer})
+    assert layer._merged is None
