@@ -116,7 +116,7 @@ class LoRALinear(nn.Module):
         """Return W + scale * B A for the one set of factors that is set, computing it once per set.
 
         The merged weights are a second copy of the adapted layers until the factors are cleared: by
-        arithmetic, 34 MB for SD 1.4's `xattn` set and 2.2 GB for FLUX.1-dev's `vo` set in 16 bits.
+        arithmetic, 38 MB for SD 1.4's `xattn` set and 2.2 GB for FLUX.1-dev's `vo` set in 16 bits.
         """
         if self._merged is None or self._merged[0] is not self.lora_A or self._merged[1] is not self.lora_B:
             # (out, rank) @ (rank, in) -> (out, in), summed in fp32 and stored in the weight's dtype.
