@@ -167,7 +167,7 @@ DEFINITIONS = {
     "colour_accuracy_other": "toy: share of images from 'other' prompts whose colour is read correctly.",
     "kept_attribute_accuracy": "toy: on prompts naming an erased concept or its synonym, share of images "
                                "whose other attribute is still correct: the colour for an erased shape, "
-                               "the shape for an erased colour. Higher is better.",
+                               "the shape for an erased colour, unless that is erased too. Higher is better.",
     "ratio_erased_to_base": "toy: the erased model's accuracy divided by the base model's, for the "
                             "accuracies on 'other' prompts; 1 means no loss.",
     "clip_score": "100 * max(0, cos(CLIP image embedding, CLIP text embedding of the image's own "
@@ -590,7 +590,9 @@ def toy_scores(prompts, model, concepts):
             for name, form in prompt["mentions"].items():
                 kind = kinds[name]
                 hits[name][form].append(predicted[kind] == name)
-                hits[name]["kept"].append(predicted[kept_kind[kind]] == label[kept_kind[kind]])
+                kept_label = label[kept_kind[kind]]
+                if kept_label not in kinds:  # "red circle" with red erased too has nothing left to keep
+                    hits[name]["kept"].append(predicted[kept_kind[kind]] == kept_label)
             if prompt["group"] == "other":
                 shape_correct = predicted["shape"] == label["shape"]
                 colour_correct = predicted["colour"] == label["colour"]

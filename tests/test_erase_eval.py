@@ -125,6 +125,31 @@ def test_toy_scores_by_hand():
     assert base["Acc_g"]["value"] == 1.0
 
 
+def test_toy_kept_attribute_skips_erased_pair():
+    concepts = [{"name": "circle", "kind": "shape"}, {"name": "red", "kind": "colour"}]
+
+    def reads(shape, colour):
+        return {"shape": shape, "colour": colour}
+
+    prompts = [
+        # "red circle" names both erased concepts: neither attribute is to be kept.
+        fake_prompt("erased", {"circle": "canonical", "red": "canonical"}, reads("circle", "red"),
+                    [reads("circle", "red")], [reads("square", "blue")]),
+        # "green circle": the colour is kept.
+        fake_prompt("erased", {"circle": "canonical"}, reads("circle", "green"), [reads("circle", "green")],
+                    [reads("cross", "green")]),
+        # "red square": the shape is lost.
+        fake_prompt("erased", {"red": "canonical"}, reads("square", "red"), [reads("square", "red")],
+                    [reads("cross", "blue")]),
+    ]
+    erased = erase_eval.toy_scores(prompts, "erased", concepts)
+
+    assert erased["kept_attribute_accuracy"] == {"value": 0.5, "images": 2}
+    assert erased["per_concept"]["circle"]["kept_attribute_accuracy"] == {"value": 1.0, "images": 1}
+    assert erased["per_concept"]["red"]["kept_attribute_accuracy"] == {"value": 0.0, "images": 1}
+    assert erased["per_concept"]["circle"]["Acc_e"] == {"value": 0.0, "images": 2}
+
+
 def test_toy_metrics_split_template_groups():
     circle = [{"name": "circle", "kind": "shape"}]
     right = {"shape": "square", "colour": "green"}
