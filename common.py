@@ -253,6 +253,21 @@ def encode_sd_prompts(pipe, prompts, batch_size=32):
 
 
 @torch.no_grad()
+def encode_for_sampling(pipe, prompt, max_sequence_length=None):
+    """Encode one prompt once, for both the pipeline call and the hypernetwork.
+
+    Returns the keyword arguments that stand in for `prompt` in the pipeline call, and the pooled
+    embedding (1, dim) the hypernetwork reads, so sampling runs the text encoders once per prompt.
+    """
+    if hasattr(pipe, "transformer") and pipe.transformer is not None:
+        options = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+        prompt_embeds, pooled_prompt_embeds, _ = pipe.encode_prompt(prompt=[prompt], prompt_2=None, **options)
+        return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds}, pooled_prompt_embeds.float()
+    prompt_embeds, pooled_prompt_embeds = encode_sd_prompts(pipe, [prompt])
+    return {"prompt_embeds": prompt_embeds}, pooled_prompt_embeds.float()
+
+
+@torch.no_grad()
 def encode_pooled(pipe, prompts):
     """Return the pooled CLIP embedding (n, dim) that the hypernetwork reads, for SD or Flux."""
     if hasattr(pipe, "transformer") and pipe.transformer is not None:

@@ -61,11 +61,11 @@ def default_sampling(model, family):
     return (28, 3.5) if family == "flux" else (50, 7.5)
 
 
-def render(pipe, prompt, seeds, args, **pipeline_kwargs):
-    """Render one prompt at the given seeds, one generator per image so each image depends only on its seed."""
+def render(pipe, prompt_inputs, seeds, args, **pipeline_kwargs):
+    """Render one encoded prompt at the given seeds, one generator per image so each image depends only on its seed."""
     generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
     output = pipe(
-        prompt,
+        **prompt_inputs,
         num_images_per_prompt=len(seeds),
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
@@ -123,13 +123,13 @@ def main():
     seeds = [args.seed + i for i in range(args.num_images)]
     rows = []
     for prompt in args.prompt:
-        base_images = render(pipe, prompt, seeds, args, **pipeline_kwargs) if args.compare or not checkpoint else []
+        prompt_inputs, pooled = common.encode_for_sampling(pipe, prompt, pipeline_kwargs.get("max_sequence_length"))
+        base_images = render(pipe, prompt_inputs, seeds, args, **pipeline_kwargs) if args.compare or not checkpoint else []
         images = base_images
         if checkpoint:
-            pooled = common.encode_pooled(pipe, [prompt]).to(device)
-            factors = common.generate_factors(network, pooled)
+            factors = common.generate_factors(network, pooled.to(device))
             strength = common.apply_factors(layers, factors, checkpoint["config"]["alpha"] / checkpoint["config"]["rank"])
-            images = render(pipe, prompt, seeds, args, **pipeline_kwargs)
+            images = render(pipe, prompt_inputs, seeds, args, **pipeline_kwargs)
             clear_lora_factors(layers)
             print(f"|dW| = {strength.item():8.4f}  {prompt}")
 
