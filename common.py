@@ -308,6 +308,8 @@ def save_checkpoint(path, network, config, step, optimizer=None, scaler=None, lr
 def load_checkpoint(path):
     """Load a checkpoint with weights_only=True and check that it is one of ours."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"invalid checkpoint {path}: it is a folder; pass the .pt file inside it")
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:

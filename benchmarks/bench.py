@@ -161,7 +161,7 @@ def build_unet(args, device, dtype):
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**(SD14_UNET if args.full else REDUCED_UNET))
-    return unet.to(device, dtype)
+    return unet.to(device, dtype) if args.full else unet  # the CPU run keeps fp32
 
 
 def random_batch(unet, batch, device, dtype):
@@ -303,7 +303,7 @@ def flux_training_figures(args, device, dtype):
             transformer = FluxTransformer2DModel(**config)
         torch.set_default_dtype(default_dtype)
     else:
-        transformer = FluxTransformer2DModel(**config).to(device, dtype)
+        transformer = FluxTransformer2DModel(**config)  # fp32 on the CPU
 
     # FluxPipeline packs each 2x2 patch of the 16-channel latent into one token: (batch, tokens, 64).
     resolution, text_tokens = FLUX_SAMPLE["full" if args.full else "reduced"]
@@ -545,6 +545,25 @@ def memory_figures(args, hidden_dims):
     return figures
 
 
+def print_targets(figures, hidden_dim):
+    """Print each ratio that has a target, the target, and whether this run met it."""
+    checks = [
+        (f"SD update, direct (width {hidden_dim}) / static LoRA", f"hidden{hidden_dim}_ratio_direct_over_static", 1.03),
+        (f"SD update, fields pass (width {hidden_dim}) / static LoRA", f"hidden{hidden_dim}_ratio_fields_pass_over_static", 1.03),
+        ("Flux update, direct / static LoRA", f"flux_hidden{FLUX_HIDDEN_DIM}_ratio_direct_over_static", 1.03),
+        ("Flux update, fields pass / static LoRA", f"flux_hidden{FLUX_HIDDEN_DIM}_ratio_fields_pass_over_static", 1.03),
+        ("sampling, hypernetwork / plain pipeline", "ratio_hypernet_over_plain", 1.01),
+        ("fields update, 100 / 1 concepts", "ratio_100_over_1", 1.10),
+        (f"peak memory / ESD (width {hidden_dim})", f"plain_hidden{hidden_dim}_ratio_unhype_over_esd", 0.6),
+        (f"peak memory / ESD, checkpointing (width {hidden_dim})",
+         f"checkpointing_hidden{hidden_dim}_ratio_unhype_over_esd", 0.6),
+    ]
+    print("targets (ratios; times vary by about 2% from run to run):")
+    for label, key, target in checks:
+        verdict = "met" if figures[key] <= target else "missed"
+        print(f"  {label:50s} {figures[key]:.3f}  target <= {target:<4}  {verdict}")
+
+
 def main():
     args = parse_args()
     torch.set_flush_denormal(True)  # denormal floats can slow CPU kernels several times over
@@ -580,6 +599,7 @@ def main():
         for name, value in results.items():
             print(f"  {name:40s} {value:.4g}" if isinstance(value, float) else f"  {name:40s} {value}")
         figures.update(results)
+    print_targets(figures, hidden_dims[0])
 
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")

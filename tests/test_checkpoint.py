@@ -190,3 +190,8 @@ def test_truncated_checkpoint_rejected(sd_checkpoint):
 
     with pytest.raises(UserError, match="damaged or not a torch file"):
         common.load_checkpoint(path)
+
+
+def test_folder_as_checkpoint_rejected(tmp_path):
+    with pytest.raises(UserError, match="is a folder"):
+        common.load_checkpoint(tmp_path)
