@@ -372,8 +372,8 @@ def sampling_figures(args, device, dtype):
 
     seconds = interleaved_medians({"plain": plain, "hypernet": with_hypernet}, args.repeats, device)
 
-    # The profile: the hypernetwork's part is paid once per prompt (its forward pass and folding the
-    # LoRA into the weights); after that a denoising step costs what the plain one does.
+    # The profile: the hypernetwork's part (its forward pass, and folding the LoRA into the weights) is
+    # paid once per prompt. After that a denoising step costs what the plain one does.
     _, pooled = common.encode_for_sampling(lora_pipe, prompt)
 
     def factors_and_merge():
@@ -522,8 +522,8 @@ def memory_probe(args, layout, device, dtype):
 def memory_figures(args, hidden_dims):
     """Run each layout in its own process, so one's peak does not hide the other's.
 
-    Both layouts are measured as they are, and again with gradient checkpointing, which saves the
-    same activations in both and leaves the weights: the part ESD's second copy doubles.
+    Both layouts are measured as they are, and again with gradient checkpointing. Checkpointing shrinks
+    the activations, which the layouts share, and leaves the weights, which ESD holds twice.
     """
     def probe(layout, hidden_dim, checkpointing):
         command = [sys.executable, __file__, "--memory-probe", layout, "--batch-size", str(args.batch_size),
