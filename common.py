@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw
 
 from hypernet import build_from_config
 from lora_inject import inject_lora, layer_shapes, lora_delta_norm, set_lora_factors
@@ -379,6 +380,39 @@ def apply_factors(layers, factors, scale):
     """Hand generated factors to the LoRA layers and return each sample's LoRA strength ||dW||."""
     set_lora_factors(layers, factors)
     return lora_delta_norm(factors, scale)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Side-by-side grids of base and erased images
+
+GRID_MIN_CELL = 96  # cells are enlarged to at least this many pixels, so 16x16 toy images stay readable
+GRID_LABEL_WIDTH = 360
+GRID_GAP = 4
+GRID_HEADER = 20
+
+
+def labelled_grid(rows, column_titles):
+    """Lay out rows of images in columns, each row labelled on the left and each column titled on top.
+
+    rows: [(label lines, [one PIL image per column])]. Small images are enlarged by a whole factor, so
+    toy pictures stay sharp.
+    """
+    cell = max(GRID_MIN_CELL, max(max(image.size) for _, images in rows for image in images))
+    pitch = cell + GRID_GAP
+    grid = Image.new("RGB", (GRID_LABEL_WIDTH + len(column_titles) * pitch, GRID_HEADER + len(rows) * pitch), "white")
+    draw = ImageDraw.Draw(grid)
+    for column, title in enumerate(column_titles):
+        draw.text((GRID_LABEL_WIDTH + column * pitch + 4, 4), title, fill="black")
+
+    for row, (lines, images) in enumerate(rows):
+        top = GRID_HEADER + row * pitch
+        for index, line in enumerate(lines):
+            draw.text((4, top + 4 + 16 * index), line[:56], fill="black")
+        for column, image in enumerate(images):
+            factor = max(1, cell // max(image.size))
+            enlarged = image.convert("RGB").resize((image.width * factor, image.height * factor), Image.NEAREST)
+            grid.paste(enlarged, (GRID_LABEL_WIDTH + column * pitch, top))
+    return grid
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm import tqdm
 
 import common
@@ -133,10 +133,6 @@ CMMD_SCALE = 1000.0
 THUMBNAIL_SIZE = 256
 # grid.png shows the first seed of this many prompts from each group.
 GRID_PROMPTS_PER_GROUP = 3
-# Grid cells are enlarged to at least this many pixels, so 16x16 toy images stay readable.
-GRID_MIN_CELL = 96
-GRID_LABEL_WIDTH = 360
-GRID_GAP = 4
 
 # Toy scores are reported for all templates together and for each of the two template groups.
 TOY_TEMPLATE_GROUPS = ("all templates", "train templates", "held-out templates")
@@ -1056,26 +1052,11 @@ def write_grid(prompts, image_root, path):
     chosen = grid_prompts(prompts)
     if not chosen:
         return
-    pairs = []
+    rows = []
     for prompt in chosen:
-        pairs.append([Image.open(image_root / prompt[model]["images"][0]).convert("RGB") for model in MODELS])
-    cell = max(GRID_MIN_CELL, max(max(image.size) for pair in pairs for image in pair))
-    pitch = cell + GRID_GAP
-    header = 20
-    grid = Image.new("RGB", (GRID_LABEL_WIDTH + 2 * pitch, header + len(chosen) * pitch), "white")
-    draw = ImageDraw.Draw(grid)
-    draw.text((GRID_LABEL_WIDTH + 4, 4), "base", fill="black")
-    draw.text((GRID_LABEL_WIDTH + pitch + 4, 4), "erased", fill="black")
-    for row, (prompt, pair) in enumerate(zip(chosen, pairs)):
-        top = header + row * pitch
-        label = f"{prompt['group']}: {prompt['prompt']}"
-        draw.text((4, top + 4), label[:56], fill="black")
-        draw.text((4, top + 20), f"|dW| = {prompt['lora_strength']:.4g}", fill="black")
-        for column, image in enumerate(pair):
-            factor = max(1, cell // max(image.size))
-            enlarged = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
-            grid.paste(enlarged, (GRID_LABEL_WIDTH + column * pitch, top))
-    grid.save(path)
+        lines = [f"{prompt['group']}: {prompt['prompt']}", f"|dW| = {prompt['lora_strength']:.4g}"]
+        rows.append((lines, [Image.open(image_root / prompt[model]["images"][0]) for model in MODELS]))
+    common.labelled_grid(rows, list(MODELS)).save(path)
 
 
 def write_outputs(prompts, embeddings, settings, out_dir, image_root):

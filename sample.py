@@ -15,7 +15,6 @@ import re
 from pathlib import Path
 
 import torch
-from diffusers.utils import make_image_grid
 
 import common
 from lora_inject import clear_lora_factors
@@ -138,14 +137,10 @@ def main():
         if args.compare and checkpoint:
             for seed, base, erased in zip(seeds, base_images, images):
                 base.save(out_dir / f"{slug(prompt)}_{seed}_base.png")
-                rows += [base, erased]
+                rows.append(([prompt, f"seed {seed}, |dW| = {strength.item():.4g}"], [base, erased]))
 
     if rows:
-        grid = make_image_grid(rows, rows=len(rows) // 2, cols=2)
-        if grid.width < 256:  # enlarge tiny toy images so the grid is readable
-            factor = 256 // grid.width
-            grid = grid.resize((grid.width * factor, grid.height * factor), resample=0)
-        grid.save(out_dir / "compare.png")
+        common.labelled_grid(rows, ["base", "erased"]).save(out_dir / "compare.png")
         print(f"saved {out_dir / 'compare.png'}: base model on the left, erased model on the right, one row per image")
     copies = 2 if args.compare and checkpoint else 1  # --compare also saves the base model's images
     print(f"saved {len(args.prompt) * len(seeds) * copies} images to {out_dir}/")

@@ -2,6 +2,7 @@
 
 from PIL import Image
 
+import common
 from helpers import run_script
 
 PROMPTS = ("a red circle", "a blue square")
@@ -30,6 +31,7 @@ def test_train_then_sample_compare(direct_run, tmp_path):
         with Image.open(out_dir / f"{stem}.png") as image:
             assert image.size == (16, 16)
     with Image.open(out_dir / "compare.png") as grid:
-        # Two rows (one per prompt) of base and erased images, enlarged by the same factor both ways.
-        assert grid.width == grid.height
-        assert grid.width >= 256
+        # Rows of labelled base and erased images, one per prompt and seed, enlarged to the minimum cell.
+        pitch = common.GRID_MIN_CELL + common.GRID_GAP
+        assert grid.width == common.GRID_LABEL_WIDTH + 2 * pitch
+        assert grid.height == common.GRID_HEADER + len(FILE_STEMS) * pitch

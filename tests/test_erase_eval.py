@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+import common
 import erase_eval
 import toy_world
 from tiny_models import make_tiny_clip, make_tiny_sd
@@ -328,7 +329,7 @@ def test_script_writes_metrics_report_grid(tiny_run):
 
     assert (out / "report.md").read_text().startswith("# Erasure evaluation: object")
     with Image.open(out / "grid.png") as grid:
-        assert grid.width > 2 * erase_eval.GRID_MIN_CELL
+        assert grid.width > 2 * common.GRID_MIN_CELL
     assert "Acc_e" in stdout
     assert "CMMD" in stdout
 

@@ -294,9 +294,10 @@ def test_sample_end_to_end(flux_run, tmp_path):
             for suffix in ("", "_base"):
                 image = Image.open(out_dir / f"{name}_{seed}{suffix}.png")
                 assert image.size == (RESOLUTION, RESOLUTION)
-    # Four rows (two prompts, two seeds) of two square images: base and erased.
+    # Four rows (two prompts, two seeds) of labelled base and erased images.
     grid = Image.open(out_dir / "compare.png")
-    assert grid.height == 2 * grid.width
+    pitch = common.GRID_MIN_CELL + common.GRID_GAP
+    assert grid.size == (common.GRID_LABEL_WIDTH + 2 * pitch, common.GRID_HEADER + 4 * pitch)
 
 
 def test_flux_checkpoint_on_sd_model_rejected(flux_run, tiny_sd_dir, tmp_path, monkeypatch, capsys):
