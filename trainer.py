@@ -339,7 +339,7 @@ def cosine_schedule(optimizer, total_steps, warmup_steps):
 
 
 def make_optimizer(parameters, lr):
-    """AdamW with its fused kernel: one pass over all tensors instead of a Python loop over them.
+    """Return AdamW with its fused kernel: one pass over all tensors instead of a Python loop over them.
 
     For a hypernetwork of millions of parameters the optimizer step is a large part of its cost on top
     of the frozen model. In the CPU runs of `benchmarks/bench.py`, which times this same optimizer, the

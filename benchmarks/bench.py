@@ -523,7 +523,7 @@ def memory_figures(args, hidden_dims):
     """Run each layout in its own process, so one's peak does not hide the other's.
 
     Both layouts are measured as they are, and again with gradient checkpointing. Checkpointing shrinks
-    the activations, which the layouts share, and leaves the weights, which ESD holds twice.
+    the activations, which the layouts share, and leaves the weights, of which ESD keeps two copies.
     """
     def probe(layout, hidden_dim, checkpointing):
         command = [sys.executable, __file__, "--memory-probe", layout, "--batch-size", str(args.batch_size),

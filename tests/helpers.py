@@ -70,3 +70,23 @@ def measure_task_loss(erasure, seed=123):
         target = erasure.negative_guidance_target(x_t, timesteps, index)
         factors = erasure.network(pooled[index], erasure.steps_S)
         return erasure.task_loss(factors, x_t, timesteps, index, target).mean().item()
+
+
+def measure_task_loss_around_training(monkeypatch, after_training=None):
+    """Patch trainer.train to record the task loss before and after a run; return the dict it fills.
+
+    after_training(erasure, measured), if given, records more values once training has finished.
+    """
+    measured = {}
+    real_train = trainer.train
+
+    def train_and_measure(erasure, config, resume_path=None):
+        measured["before"] = measure_task_loss(erasure)
+        final_step = real_train(erasure, config, resume_path)
+        measured["after"] = measure_task_loss(erasure)
+        if after_training is not None:
+            after_training(erasure, measured)
+        return final_step
+
+    monkeypatch.setattr(trainer, "train", train_and_measure)
+    return measured

@@ -16,7 +16,7 @@ import common
 import sample
 import train_flux
 import trainer
-from helpers import error_lines, measure_task_loss, run_script
+from helpers import error_lines, measure_task_loss_around_training, run_script
 from lora_inject import TARGET_SETS, clear_lora_factors, inject_lora, set_lora_factors
 
 RESOLUTION = 16
@@ -195,20 +195,11 @@ def test_direct_run_lowers_task_loss(tiny_flux_dir, tmp_path, monkeypatch, capsy
     The tiny model's random CLIP encoder gives nearly the same pooled embedding to every prompt, so
     retention would pull the erase prompts' LoRA back to zero. --retain-weight 0 isolates the task loss.
     """
-    measured = {}
-    real_train = trainer.train
-
-    def train_and_measure(erasure, config, resume_path=None):
-        measured["before"] = measure_task_loss(erasure)
-        final_step = real_train(erasure, config, resume_path)
-        measured["after"] = measure_task_loss(erasure)
-        return final_step
-
     argv = [
         "--model", tiny_flux_dir, *FLUX_TRAIN_ARGS, "--objective", "direct", "--steps", 40, "--lr", "1e-2",
         "--retain-weight", 0, "--log-every", 100, "--out", tmp_path / "ckpt.pt",
     ]  # fmt: skip
-    monkeypatch.setattr(trainer, "train", train_and_measure)
+    measured = measure_task_loss_around_training(monkeypatch)
     status, _, lines = run_main(train_flux, argv, monkeypatch, capsys)
 
     assert status == 0, lines

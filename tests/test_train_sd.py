@@ -11,8 +11,7 @@ import torch
 
 import common
 import train_sd
-import trainer
-from helpers import REPO_DIR, TINY_TRAIN_ARGS, measure_task_loss, run_script, script_command, script_env
+from helpers import REPO_DIR, TINY_TRAIN_ARGS, measure_task_loss_around_training, run_script, script_command, script_env
 from lora_inject import find_target_layers
 
 # (extra options, network kind, target) of each short training run.
@@ -70,23 +69,16 @@ def test_direct_run_writes_checkpoint(direct_run):
 
 
 def test_direct_run_lowers_task_loss(tiny_sd_dir, tmp_path, monkeypatch, capsys):
-    measured = {}
-    real_train = trainer.train
-
-    def train_and_measure(erasure, config, resume_path=None):
-        measured["before"] = measure_task_loss(erasure)
-        final_step = real_train(erasure, config, resume_path)
-        measured["after"] = measure_task_loss(erasure)
+    def record_norms(erasure, measured):
         measured["retain_norm"] = erasure.lora_strengths()[1]
         measured["base_norm"] = torch.sqrt(sum(layer.weight.pow(2).sum() for layer in erasure.layers.values())).item()
-        return final_step
 
     argv = [
         "train_sd.py", "--model", str(tiny_sd_dir), *TINY_TRAIN_ARGS,
         "--objective", "direct", "--steps", "30", "--lr", "1e-2", "--retain-weight", "0.1", "--batch-size", "4",
         "--log-every", "100", "--out", str(tmp_path / "ckpt.pt"),
     ]  # fmt: skip
-    monkeypatch.setattr(trainer, "train", train_and_measure)
+    measured = measure_task_loss_around_training(monkeypatch, record_norms)
     monkeypatch.setattr(sys, "argv", argv)
     train_sd.main()
     capsys.readouterr()
